@@ -1,0 +1,1 @@
+# The config tree; installed as the data package `moecli.conf` (see pyproject.toml).

@@ -1,0 +1,1 @@
+"""Views of the one metrics dictionary: console (rich), files (the run record), wandb; and `moecli compare`."""

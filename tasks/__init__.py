@@ -1,0 +1,1 @@
+"""Tasks: one module and one YAML (`conf/task/<name>.yaml`) each."""
