@@ -230,6 +230,10 @@ class Trainer:
             final = self._evaluate(task, model, tuple(task.eval_splits()) + ("test",))
             reporter.evaluation(state.step, final)
             final.update(task.finish(model, record.dir))
+            if state.criterion_step is not None:
+                final["train/steps_to_criterion"] = float(state.criterion_step)
+                if state.criterion_epoch is not None:
+                    final["train/epochs_to_criterion"] = float(state.criterion_epoch)
             state.elapsed = time.perf_counter() - start
             if self.checkpoint_every:
                 self._checkpoint(record, model, opt, sched, gen, state)
@@ -245,7 +249,7 @@ class Trainer:
     def _checked_sum(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         for name, value in losses.items():
             if not torch.isfinite(value).all():
-                raise NonFiniteLoss(f"loss term '{name}' is {float(value)} at step {step}")
+                raise NonFiniteLoss(f"loss term '{name}' is {float(value.detach())} at step {step}")
         return sum(losses.values())
 
     def _after_eval(self, task: Task, model, reporter, state: TrainState, steps_per_epoch) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +80,18 @@ def read_parselmouth() -> VowelTable:
         raise ConfigError("task.source=parselmouth needs the package praat-parselmouth; "
                           "install it or pass task.data_path=<file>") from err
     table = call("Create formant table (Peterson & Barney 1952)")
+    # One file write is ~100x faster than a Praat call per cell.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pb.tsv"
+        call(table, "Save as tab-separated file", str(path))
+        lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    col = {name: header.index(name) for name in ("Speaker", "Vowel", *FEATURES)}
     rows = []
-    for r in range(1, int(call(table, "Get number of rows")) + 1):
-        spk = str(call(table, "Get value", r, "Speaker"))
-        label = str(call(table, "Get value", r, "Vowel")).upper()
-        rows.append((spk, label, [float(call(table, "Get value", r, f)) for f in FEATURES], True))
+    for line in lines[1:]:
+        cells = line.split("\t")
+        rows.append((cells[col["Speaker"]], cells[col["Vowel"]].upper(),
+                     [float(cells[col[f]]) for f in FEATURES], True))
     return _table(rows)
 
 
@@ -208,6 +216,8 @@ class Vowel(Task):
         correct = (pred == y).float()
         metrics = {f"{split}/acc": float(correct.mean()),
                    f"{split}/loss": float(out.output.nll(self._target(y)).mean())}
+        if self.likelihood == "gaussian":  # the paper's error: squared distance of the output to the target code
+            metrics[f"{split}/mse"] = float(((out.output.point() - self._target(y)) ** 2).sum(-1).mean())
         for i, v in enumerate(self.vowels):
             metrics[f"{split}/acc/{v}"] = float(correct[y == i].mean()) if (y == i).any() else math.nan
         if out.weights is not None and split == "train":  # routing on the training set, as Jacobs reports it

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 _LOAD = re.compile(r"^route/(?P<slot>.+)/load/e(?P<i>\d+)$")
@@ -27,7 +29,7 @@ def config_tree(cfg: dict, title: str = "config") -> Tree:
     return tree
 
 
-def routing_tables(metrics: dict[str, float]) -> list[Table]:
+def routing_tables(metrics: dict[str, float]) -> list[Group]:
     """One compact table per slot: load as bars, importance, and the slot's entropy and dead count."""
     loads: dict[str, dict[int, float]] = defaultdict(dict)
     for key, value in metrics.items():
@@ -42,14 +44,14 @@ def routing_tables(metrics: dict[str, float]) -> list[Table]:
                    f"{metrics.get(p + '/dead', 0):.0f}/{len(per_expert)}")
         if p + "/dropped_fraction" in metrics:
             caption += f" · dropped {metrics[p + '/dropped_fraction']:.1%}"
-        table = Table(title=f"routing {slot}", caption=caption, box=None, pad_edge=False)
+        table = Table(title=f"routing {slot}", box=None, pad_edge=False, title_justify="left")
         for col in ("expert", "load", "", "importance"):
             table.add_column(col, justify="right" if col != "" else "left")
         for i in sorted(per_expert):
             load = per_expert[i]
             bar = "█" * round(load * BAR_WIDTH)
             table.add_row(f"e{i}", f"{load:.2f}", f"[green]{bar}", f"{metrics.get(f'{p}/importance/e{i}', 0):.3f}")
-        tables.append(table)
+        tables.append(Group(table, Text(caption, style="dim")))
     return tables
 
 
@@ -60,24 +62,26 @@ def headline(metrics: dict[str, float], limit: int = 6) -> str:
 
 
 class ConsoleView:
-    """Progress bar and evaluation printouts; `enabled=False` keeps it silent (tests, nested sweeps)."""
+    """Live view: the progress bar with the running loss, and below it the routing tables of the latest
+    evaluation, redrawn in place at each evaluation (one line of headline metrics is printed above).
+    `enabled=False` keeps it silent (tests, parallel sweeps)."""
 
-    def __init__(self, enabled: bool = True, routing_every: int = 1):
-        self.console = Console(stderr=False, highlight=False)
-        self.enabled, self.routing_every = enabled, routing_every
+    def __init__(self, enabled: bool = True):
+        self.console = Console(highlight=False)
+        self.enabled = enabled
         self.progress: Progress | None = None
+        self.live: Live | None = None
         self.task_id = None
-        self.evals = 0
 
     def start(self, cfg: dict, total: int, step: int) -> None:
         if not self.enabled:
             return
         self.console.print(config_tree(cfg))
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console,
-                                 transient=False, refresh_per_second=4)
-        self.progress.start()
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console)
         self.task_id = self.progress.add_task("train", total=total or None, completed=step, info="")
+        self.live = Live(Group(self.progress), console=self.console, refresh_per_second=4)
+        self.live.start()
 
     def step(self, step: int, loss: float) -> None:
         if self.progress is not None:
@@ -86,9 +90,10 @@ class ConsoleView:
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.evals += 1
         self.console.print(f"[dim]step {step}[/]  {headline(metrics)}")
-        if self.evals % self.routing_every == 0:
+        if self.live is not None:
+            self.live.update(Group(self.progress, *routing_tables(metrics)))
+        else:
             for table in routing_tables(metrics):
                 self.console.print(table)
 
@@ -97,9 +102,11 @@ class ConsoleView:
             self.console.print(f"[yellow]warning:[/] {message}")
 
     def finish(self, summary: dict) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+            if not self.console.is_terminal:
+                self.console.print()
         if not self.enabled:
             return
         colour = {"completed": "green", "failed": "red"}.get(summary["status"], "yellow")
