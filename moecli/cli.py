@@ -64,11 +64,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def list_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moecli list", description=SUBCOMMANDS["list"])
-    parser.parse_args(argv)
-    from moecli.registry import GROUPS, group_options
+    parser.add_argument("group", nargs="?", help="only this group (task, combiner, trainer, logger, experiment)")
+    args = parser.parse_args(argv)
+    from moecli.registry import GROUPS, conf_dir, group_options
 
-    for group in GROUPS:
-        print(f"{group}: {', '.join(group_options(group))}")
+    if args.group is not None and args.group not in GROUPS:
+        return fail(f"group={args.group} is not a config group; choose one of: {', '.join(GROUPS)}")
+    for group in [args.group] if args.group else GROUPS:
+        print(f"{group}:")
+        for name in group_options(group):
+            first = (conf_dir() / group / f"{name}.yaml").read_text().splitlines()[:2]
+            about = next((line.lstrip("# ").strip() for line in first if line.startswith("# ") and
+                          not line.startswith("# @package")), "")
+            print(f"  {name:<18}{about[:100]}")
     return 0
 
 

@@ -83,7 +83,7 @@ class Task(ABC):
         """After training: extra final metrics, plots and samples written into `run_dir`."""
         return {}
 
-    def to(self, device: torch.device) -> None:
+    def to(self, device: torch.device) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Move any tensors the task holds (datasets) to `device`."""
 
 

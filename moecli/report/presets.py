@@ -82,7 +82,8 @@ class Jacobs1991Report(PresetReport):
                 continue
             tr = mean_std([100 * s["final"].get("train/acc", math.nan) for s in done])
             te = mean_std([100 * s["final"].get("test/acc", math.nan) for s in done])
-            reached = [s["final"]["train/epochs_to_criterion"] for s in done if "train/epochs_to_criterion" in s["final"]]
+            reached = [s["final"]["train/epochs_to_criterion"] for s in done
+                       if "train/epochs_to_criterion" in s["final"]]
             ep = mean_std(reached)
             epochs[name] = ep[0]
             paper = JACOBS_PAPER[name]

@@ -13,16 +13,20 @@ class Router(nn.Module):
 
     x `[B, D]` -> logits `[B, E]` (num_tasks == 1) or `[B, H, E]` (one gate per task, MMoE).
     `kind`: "learned" (linear in x; a learned constant when D == 0) or "uniform" (fixed zero logits).
+    `hidden`: width of a tanh hidden layer before the linear map (0 = linear gate, as in the papers).
     `init_scale`: std of a truncated-normal init scaled by 1/sqrt(D) (Switch §2.4 uses 0.1); None keeps
     torch's default Linear init. `bias`: whether the linear map has a bias.
     """
 
     def __init__(self, in_dim: int, num_experts: int, num_tasks: int = 1, kind: str = "learned",
-                 init_scale: float | None = None, bias: bool = True):
+                 init_scale: float | None = None, bias: bool = True, hidden: int = 0):
         super().__init__()
         check_choice("combiner.gate", kind, ["learned", "uniform"])
         self.kind, self.num_experts, self.num_tasks = kind, num_experts, num_tasks
-        self.linear = None
+        self.linear, self.hidden = None, None
+        if kind == "learned" and in_dim > 0 and hidden > 0:  # an MLP gate: tanh hidden layer, then linear
+            self.hidden = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh())
+            in_dim = hidden
         if kind == "learned" and in_dim > 0:
             self.linear = nn.Linear(in_dim, num_experts * num_tasks, bias=bias)
             if init_scale is not None:
@@ -36,7 +40,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         if self.linear is not None:
-            logits = self.linear(x)
+            logits = self.linear(self.hidden(x) if self.hidden is not None else x)
         elif self.kind == "learned":
             logits = self.constant.expand(batch, -1)
         else:
