@@ -65,8 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 def list_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moecli list", description=SUBCOMMANDS["list"])
     parser.add_argument("group", nargs="?", help="only this group (task, combiner, trainer, logger, experiment)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="which combiner can serve each task's slots (sets up every task)")
     args = parser.parse_args(argv)
     from moecli.registry import GROUPS, conf_dir, group_options
+
+    if args.matrix:
+        from moecli.registry import print_matrix
+
+        print_matrix()
+        return 0
 
     if args.group is not None and args.group not in GROUPS:
         return fail(f"group={args.group} is not a config group; choose one of: {', '.join(GROUPS)}")

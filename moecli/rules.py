@@ -59,6 +59,8 @@ def gaussian_product(
         log_prec = log_prec + torch.log(w.clamp_min(1e-30))
     if mask is not None:
         log_prec = log_prec.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+        # Absent experts may hold NaN placeholders: fill, never multiply (NaN · 0 = NaN; multimodal §1.2).
+        mean = mean.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
     if prior:
         zeros = torch.zeros_like(mean[:, :1])
         mean = torch.cat([zeros, mean], dim=1)

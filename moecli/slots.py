@@ -61,6 +61,8 @@ class CombinerOutput:
         combiner without a gate.
     losses: unweighted auxiliary losses for logging (e.g. "balance", "z").
     stats: extra per-batch statistics, scalars or `[E]` vectors (e.g. "dropped_fraction", "dispatch").
+    Multi-gate combiners (`mmoe`) on a slot with num_tasks = H > 1 return one mixture per task: output
+    `[B, H, D]` and weights `[B, H, E]`; single-gate combiners return `[B, D]`, given to every head.
     """
 
     output: Any

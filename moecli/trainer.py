@@ -178,7 +178,7 @@ class Trainer:
         status, message = "completed", None
         start = time.perf_counter() - state.elapsed
         reporter.start(total, state.step)
-        tick, items = time.perf_counter(), 0
+        busy, items = 0.0, 0  # throughput counts optimiser steps only, not evaluation or checkpoints
         try:
             done = False
             while not done and (self.max_epochs is None or state.epoch < self.max_epochs):
@@ -189,25 +189,19 @@ class Trainer:
                 for i, batch in enumerate(task.train_batches(state.epoch, gen)):
                     if i < state.batch_in_epoch:
                         continue
-                    out = task.training_step(model, move(batch, device))
-                    loss = self._checked_sum(out.losses, state.step + 1)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.grad_clip:
-                        nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-                    opt.step()
-                    sched.step()
+                    started = time.perf_counter()
+                    out, loss = self._optimise(task, model, move(batch, device), opt, sched, state.step + 1)
+                    busy += time.perf_counter() - started
                     state.step, state.batch_in_epoch = state.step + 1, i + 1
                     items += out.num_items
                     reporter.step(state.step, float(loss.detach()))
                     if state.step % self.log_every == 0:
-                        now = time.perf_counter()
                         train = {f"train/loss/{k}": float(v.detach()) for k, v in out.losses.items()}
                         train.update({"train/loss": float(loss.detach()), "train/lr": sched.get_last_lr()[0],
-                                      f"train/{task.items_name}_per_s": items / max(now - tick, 1e-9),
+                                      f"train/{task.items_name}_per_s": items / max(busy, 1e-9),
                                       "train/epoch": state.epoch + (i + 1) / max(steps_per_epoch or (i + 1), 1),
                                       **out.metrics})
-                        tick, items = now, 0
+                        busy, items = 0.0, 0
                         reporter.log(state.step, train)
                     if state.step % self.eval_every == 0:
                         done = self._after_eval(task, model, reporter, state, steps_per_epoch)
@@ -245,6 +239,18 @@ class Trainer:
             "criterion": {"metric": self.stop_rule.metric, "threshold": self.stop_rule.threshold,
                           "step": state.criterion_step, "epoch": state.criterion_epoch},
         }
+
+    def _optimise(self, task: Task, model: nn.Module, batch, opt, sched, step: int):
+        """One optimiser step on one batch; returns the task's StepOutput and the summed loss."""
+        out = task.training_step(model, batch)
+        loss = self._checked_sum(out.losses, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        opt.step()
+        sched.step()
+        return out, loss
 
     def _checked_sum(self, losses: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         for name, value in losses.items():

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Tests use tiny models: one intra-op thread is faster for them and immune to OpenMP spin-waiting when the
+# machine is busy (subprocesses inherit the setting).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -20,7 +23,6 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
     from omegaconf import open_dict
 
     from moecli.registry import conf_dir

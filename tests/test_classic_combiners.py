@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moecli.combiners.cooperative import Cooperative
 from moecli.combiners.competitive import Competitive
+from moecli.combiners.cooperative import Cooperative
 from moecli.combiners.poe import Poe
 from moecli.slots import Slot
 

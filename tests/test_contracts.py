@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 from moecli import registry
 from moecli.errors import ConfigError
 from moecli.slots import Slot
-
 from tests.conftest import compose
 
 COMBINERS = registry.group_options("combiner")

@@ -21,7 +21,6 @@ from moecli.rules import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Oracles in double precision; restored afterwards so other test modules keep float32."""

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from moecli.errors import ConfigError
-from tasks.vowel import Vowel, read_hillenbrand, read_parselmouth, read_peterson_barney, read_vowels, speaker_split
+from tasks.vowel import (
+    Vowel,
+    read_hillenbrand,
+    read_parselmouth,
+    read_peterson_barney,
+    read_vowels,
+    speaker_split,
+)
 from tests.conftest import train_inprocess
 
 

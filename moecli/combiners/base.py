@@ -30,6 +30,8 @@ class Combiner(nn.Module, ABC):
     families: ClassVar[frozenset[str]] = frozenset({"categorical", "gaussian"})
     external_ok: ClassVar[bool] = True
     owned_ok: ClassVar[bool] = True
+    #: fuses the per-modality posterior experts of a multimodal VAE (slot.extra["posterior"]; multimodal §1)
+    posterior_ok: ClassVar[bool] = False
 
     @classmethod
     def incompatibility(cls, slot: Slot) -> str | None:
@@ -43,6 +45,8 @@ class Combiner(nn.Module, ABC):
                 return "it needs to own its experts, and this task supplies them"
             if not slot.external_experts and not cls.owned_ok:
                 return "it combines experts supplied by the task, and this task has none"
+            if slot.extra.get("posterior") and not cls.posterior_ok:
+                return "it has no meaning as a fusion of posterior experts"
         return None
 
     def __init__(self, slot: Slot, num_experts: int | None = None):

@@ -21,9 +21,9 @@ class Cooperative(Combiner):
     slot_kinds = frozenset({"distribution", "representation"})
 
     def __init__(self, slot: Slot, num_experts: int | None = 4, expert_hidden: int = 0,
-                 activation: str = "relu", gate: str = "learned"):
+                 activation: str = "relu", gate: str = "learned", gate_hidden: int = 0):
         super().__init__(slot, num_experts)
-        self.router = Router(slot.in_dim, self.num_experts, kind=gate)
+        self.router = Router(slot.in_dim, self.num_experts, kind=gate, hidden=gate_hidden)
         if slot.kind == "representation":
             self.experts = StackedExperts(self.num_experts, slot.in_dim, slot.out_dim, slot.expert_hidden,
                                           activation)

@@ -37,9 +37,11 @@ def pm(values: list[float], digits: int = 3) -> str:
     return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def layer_stat(final: dict[str, float], stat: str, how=max) -> float:
-    """`how` (max or mean) over MoE layers of `route/<layer>/<stat>`; NaN when no layer reports it."""
-    values = [v for k, v in final.items() if k.startswith("route/") and k.count("/") == 2
+def layer_stat(final: dict[str, float], stat: str, how=max, prefix: str = "route/") -> float:
+    """`how` (max or mean) over MoE layers of `<prefix><layer>/<stat>`; NaN when no layer reports it.
+
+    prefix "route/": validation windows, eval mode; "train/route/": training batches, the gate as trained."""
+    values = [v for k, v in final.items() if k.startswith(prefix) and k.count("/") == prefix.count("/") + 1
               and k.endswith("/" + stat) and isinstance(v, (int, float))]
     if not values:
         return math.nan
@@ -67,10 +69,10 @@ def load_cv(final: dict[str, float]) -> float:
     return value if not math.isnan(value) else math.sqrt(layer_stat(final, "cv2_load"))
 
 
-def dropped(final: dict[str, float]) -> float:
+def dropped(final: dict[str, float], prefix: str = "route/") -> float:
     """Mean dropped fraction over MoE layers (0 for routers without capacity)."""
     for name in ("dropped_fraction", "drop_fraction", "dropped"):
-        value = layer_stat(final, name, how=_mean)
+        value = layer_stat(final, name, how=_mean, prefix=prefix)
         if not math.isnan(value):
             return value
     return 0.0
@@ -136,23 +138,26 @@ def switch_scaling_table(runs: list[Run], sweep_dir: Path) -> Table:
     dense_time = mean_std([r.summary["steps"] * seconds_per_step(r) for r in dense])[0] if dense else math.nan
     table = Table(title=f"Switch scaling at equal steps and active FLOPs ({sweep_dir})\n"
                   f"time-to-dense-quality: wall time (training only) to reach the dense mean final val loss "
-                  f"{dense_loss:.4f}, / dense training time", title_justify="left")
+                  f"{dense_loss:.4f}, / dense training time; step ratio: steps to reach it / steps run (device-free)",
+                  title_justify="left")
     for col in ("arm", "seeds", "val bpb", "val loss", "params", "tokens/s", "time to dense quality (s)",
-                "ratio", "reached"):
+                "time ratio", "step ratio", "reached"):
         table.add_column(col, justify="left" if col == "arm" else "right")
     for name in sorted(arms, key=_arm_order):
         members = arms[name]
-        times = []
+        times, step_ratios = [], []
         for run in members:
             step = step_to_reach(val_curve(run), dense_loss)
             if step is not None:
                 times.append(step * seconds_per_step(run))
+                step_ratios.append(step / run.summary["steps"])
         ratio = [t / dense_time for t in times] if dense_time and not math.isnan(dense_time) else []
         table.add_row(name, str(len(members)), pm([r.summary["final"]["val/bpb"] for r in members]),
                       pm([r.summary["final"]["val/loss"] for r in members], 4),
                       f"{mean_std([r.summary.get('parameters', math.nan) for r in members])[0]:,.0f}",
                       f"{_mean_rate(members):,.0f}",
                       pm(times, 1) if times else "–", pm(ratio, 2) if ratio else "–",
+                      pm(step_ratios, 2) if step_ratios else "–",
                       f"{len(times)}/{len(members)}")
     return table
 
@@ -181,8 +186,8 @@ class ShazeerBalanceReport(PresetReport):
         console.print(routing_table(runs, ARM_KEYS["shazeer_balance"],
                                     "Noisy top-k balancing losses, Shazeer et al. 2017 Table 6 "
                                     f"({sweep_dir})\n"
-                                    "CV of per-expert importance (mean gate) and load (tokens dispatched) on "
-                                    "validation tokens, worst MoE layer"))
+                                    "CV(importance) train: per training batch, the gate as trained (noise on); "
+                                    "other columns on validation tokens (eval mode); worst MoE layer"))
 
 
 class RoutingZooReport(PresetReport):
@@ -196,16 +201,18 @@ class RoutingZooReport(PresetReport):
 def routing_table(runs: list[Run], key: str, title: str) -> Table:
     """One row per arm: quality, balance (worst layer), dead experts, dropped fraction, throughput."""
     table = Table(title=title, title_justify="left")
-    columns = ("arm", "seeds", "val bpb", "CV(importance)", "CV(load)", "dead experts", "dropped", "tokens/s")
+    columns = ("arm", "seeds", "val bpb", "CV(importance) train", "CV(importance)", "CV(load)", "dead experts",
+               "dropped train", "dropped", "tokens/s")
     for col in columns:
         table.add_column(col, justify="left" if col == "arm" else "right")
     for name, members in by_arm(runs, key).items():
         finals = [r.summary["final"] for r in members]
         table.add_row(name, str(len(members)), pm([f["val/bpb"] for f in finals]),
+                      pm([layer_stat(f, "cv_importance_batch", prefix="train/route/") for f in finals], 3),
                       pm([math.sqrt(layer_stat(f, "cv2_importance")) for f in finals], 3),
                       pm([load_cv(f) for f in finals], 3),
                       pm([layer_stat(f, "dead", how=_mean) * 1.0 for f in finals], 1),
-                      pm([dropped(f) for f in finals], 4),
+                      pm([dropped(f, "train/route/") for f in finals], 4), pm([dropped(f) for f in finals], 4),
                       f"{mean_std([f.get('train/tokens_per_s', math.nan) for f in finals])[0]:,.0f}")
     return table
 

@@ -55,6 +55,18 @@ def cells(runs: list[Run], key: str) -> dict[tuple[str, float], list[float]]:
     return out
 
 
+def paired_gaps(runs: list[Run], model: str) -> dict[int, float]:
+    """Per seed: test loss at ρ = 0.5 minus at ρ = 1.0 (same seed = same α, β, x and noise draws)."""
+    by_seed: dict[tuple[float, int], float] = {}
+    for run in runs:
+        combiner, rho = run_cell(run)
+        value = run.summary.get("final", {}).get("test/loss")
+        if combiner == model and run.summary.get("status") == "completed" and isinstance(value, (int, float)):
+            by_seed[(rho, int(run.summary.get("seed", -1)))] = float(value)
+    return {seed: by_seed[(0.5, seed)] - v for (rho, seed), v in by_seed.items() if rho == 1.0
+            and (0.5, seed) in by_seed}
+
+
 def summarise(runs: list[Run]) -> dict[str, Any]:
     """Everything the report shows: models, ρ values (descending), loss and overlap cells, gaps."""
     loss, overlap = cells(runs, "test/loss"), cells(runs, "test/gate_overlap")
@@ -67,7 +79,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
         if (m, 1.0) in loss and (m, 0.5) in loss:
             gaps[m] = mean_std(loss[(m, 0.5)])[0] - mean_std(loss[(m, 1.0)])[0]
     return {"models": models, "rhos": rhos, "loss": loss, "overlap": overlap, "overlap_per_example": per_ex,
-            "gaps": gaps}
+            "gaps": gaps, "paired": {m: paired_gaps(runs, m) for m in models}}
 
 
 def markdown(s: dict[str, Any]) -> str:
@@ -148,7 +160,7 @@ def report(runs: list[Run], sweep_dir: Path, console: Console) -> dict[str, Any]
                        f"{max(v, default=math.nan):.3f}]")
         row.append(f"{s['gaps'][m]:+.4f}" if m in s["gaps"] else "–")
         row.append(" ".join(f"{mean_std(s['overlap'][(m, r)])[0]:.3f}/"
-                            f"{mean_std(s['overlap_per_example'][(m, r)])[0]:.3f}" if (m, r) in s["overlap"]
+                            f"{mean_std(s['overlap_per_example'].get((m, r), []))[0]:.3f}" if (m, r) in s["overlap"]
                             else "–" for r in s["rhos"]))
         table.add_row(*row)
     console.print(table)
@@ -157,6 +169,11 @@ def report(runs: list[Run], sweep_dir: Path, console: Console) -> dict[str, Any]
         verdict = "smaller" if gaps["mmoe"] < gaps["dense"] else "NOT smaller"
         console.print(f"MMoE's loss increase from ρ = 1.0 to 0.5 ({gaps['mmoe']:+.4f}) is {verdict} than "
                       f"shared-bottom's ({gaps['dense']:+.4f}) (paper: much smaller).")
+        a, b = s["paired"]["mmoe"], s["paired"]["dense"]
+        seeds = sorted(set(a) & set(b))
+        wins = sum(a[k] < b[k] for k in seeds)
+        console.print(f"Per seed (paired data draws): MMoE's gap is the smaller one for {wins} of {len(seeds)} "
+                      "seeds.")
     (sweep_dir / "mmoe_correlation.md").write_text(markdown(s), encoding="utf-8")
     plot(s, sweep_dir / "mmoe_correlation.png")
     console.print(f"wrote {sweep_dir / 'mmoe_correlation.md'} and {sweep_dir / 'mmoe_correlation.png'}")

@@ -47,7 +47,9 @@ class RoutingAccumulator:
         n = w.shape[0]
         self.count += n
         self.importance += w.sum(0)
-        self.load += torch.bincount(w.argmax(-1), minlength=self.num_experts).double()
+        # Rows with no expert (tokens dropped by capacity) count for no expert, not for expert 0 (spec §2.8.3).
+        routed = w.abs().sum(-1) > 0
+        self.load += torch.bincount(w.argmax(-1)[routed], minlength=self.num_experts).double()
         total = w.sum(-1, keepdim=True).clamp_min(1e-30)
         self.entropy_sum += float(entropy(w / total).sum())
         if labels is not None and self.label_names:
