@@ -61,7 +61,8 @@ def vowel_partition(final: dict[str, float], experts: list[int]) -> str:
         weights = {e: final.get(f"{prefix}{v}/e{e}", 0.0) for e in experts}
         if weights:
             owner[max(weights, key=weights.get)].append(v)
-    return "|".join("{" + ",".join(vs) + "}" for vs in owner.values() if vs)
+    # Canonical form (groups sorted), so that the same partition by differently numbered experts reads the same.
+    return "|".join(sorted("{" + ",".join(sorted(vs)) + "}" for vs in owner.values() if vs))
 
 
 class Jacobs1991Report(PresetReport):
