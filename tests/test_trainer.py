@@ -19,7 +19,7 @@ from moecli.task import StepOutput, Task
 from moecli.trainer import Trainer
 from tests.conftest import train_inprocess
 
-QUICK = ["task=vowel", "trainer.max_epochs=60", "trainer.eval_every=20", "trainer.checkpoint_every=20"]
+QUICK = ["task=vowel", "trainer.max_epochs=12", "trainer.eval_every=20", "trainer.checkpoint_every=20"]
 
 
 def test_same_config_and_seed_give_the_same_metrics(tmp_path):
