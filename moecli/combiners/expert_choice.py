@@ -15,7 +15,7 @@ import torch
 
 from moecli.combiners.base import require
 from moecli.routing.gating import Routing, expert_choice_gating
-from moecli.routing.layer import RoutedCombiner
+from moecli.routing.layer import RoutedCombiner, shared_options
 
 
 class ExpertChoice(RoutedCombiner):
@@ -40,25 +40,7 @@ class ExpertChoice(RoutedCombiner):
         global_entropy_coef: float = 0.0,
         min_experts: float | None = 4.0,
     ):
-        super().__init__(
-            slot,
-            num_experts,
-            expert_hidden,
-            activation,
-            router_init_scale,
-            router_bias,
-            expert_dropout,
-            num_shared_experts,
-            0.0,
-            z_coef,
-            local_entropy_coef,
-            global_entropy_coef,
-            min_experts,
-            False,
-            0.0,
-            group_size,
-            allow_future_leak,
-        )
+        super().__init__(slot, **shared_options(locals(), balance_coef=0.0, bias_balancing=False, bias_update_rate=0.0))
         require(
             capacity_factor is not None and capacity_factor > 0,
             f"combiner.capacity_factor={capacity_factor} must be a positive number (c, experts per token)",

@@ -14,7 +14,7 @@ import torch
 
 from moecli.errors import check_choice
 from moecli.routing.gating import Routing, gshard_top2_gating
-from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity
+from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity, shared_options
 
 POLICIES = ["random", "threshold", "all", "none"]
 
@@ -50,24 +50,7 @@ class Gshard(RoutedCombiner):
         global_entropy_coef: float = 0.0,
         min_experts: float | None = 4.0,
     ):
-        super().__init__(
-            slot,
-            num_experts,
-            expert_hidden,
-            activation,
-            router_init_scale,
-            router_bias,
-            expert_dropout,
-            num_shared_experts,
-            balance_coef,
-            z_coef,
-            local_entropy_coef,
-            global_entropy_coef,
-            min_experts,
-            bias_balancing,
-            bias_update_rate,
-            group_size,
-        )
+        super().__init__(slot, **shared_options(locals()))
         check_choice("combiner.eval_second_policy", eval_second_policy, POLICIES)
         check_choice("combiner.aux_loss_scale", aux_loss_scale, ["code", "paper"])
         self.capacity_factor = capacity_factor

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from moecli.combiners.base import require
 from moecli.routing.gating import Routing, noisy_top_k_gating, routing_stats
-from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity, zero_router
+from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity, shared_options, zero_router
 from moecli.routing.losses import importance_loss, load_loss, prob_in_top_k, router_z_loss
 from moecli.routing.router import Router
 
@@ -50,24 +50,7 @@ class NoisyTopk(RoutedCombiner):
         global_entropy_coef: float = 0.0,
         min_experts: float | None = 4.0,
     ):
-        super().__init__(
-            slot,
-            num_experts,
-            expert_hidden,
-            activation,
-            None,
-            False,
-            expert_dropout,
-            num_shared_experts,
-            0.0,
-            z_coef,
-            local_entropy_coef,
-            global_entropy_coef,
-            min_experts,
-            bias_balancing,
-            bias_update_rate,
-            group_size,
-        )
+        super().__init__(slot, **shared_options(locals(), router_init_scale=None, router_bias=False, balance_coef=0.0))
         e = self.num_experts
         require(
             top_k >= 2 or hierarchical,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from moecli.routing.gating import Routing, switch_gating
-from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity, router_jitter
+from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity, router_jitter, shared_options
 
 
 class Switch(RoutedCombiner):
@@ -44,24 +44,7 @@ class Switch(RoutedCombiner):
         global_entropy_coef: float = 0.0,
         min_experts: float | None = 4.0,
     ):
-        super().__init__(
-            slot,
-            num_experts,
-            expert_hidden,
-            activation,
-            router_init_scale,
-            router_bias,
-            expert_dropout,
-            num_shared_experts,
-            balance_coef,
-            z_coef,
-            local_entropy_coef,
-            global_entropy_coef,
-            min_experts,
-            bias_balancing,
-            bias_update_rate,
-            group_size,
-        )
+        super().__init__(slot, **shared_options(locals()))
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = resolve_eval_capacity(capacity_factor, eval_capacity_factor)
         self.capacity = {

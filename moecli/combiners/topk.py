@@ -16,7 +16,7 @@ import torch
 
 from moecli.combiners.base import require
 from moecli.routing.gating import Routing, top_k_gating
-from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity
+from moecli.routing.layer import RoutedCombiner, resolve_eval_capacity, shared_options
 
 
 class Topk(RoutedCombiner):
@@ -48,24 +48,7 @@ class Topk(RoutedCombiner):
         global_entropy_coef: float = 0.0,
         min_experts: float | None = 4.0,
     ):
-        super().__init__(
-            slot,
-            num_experts,
-            expert_hidden,
-            activation,
-            router_init_scale,
-            router_bias,
-            expert_dropout,
-            num_shared_experts,
-            balance_coef,
-            z_coef,
-            local_entropy_coef,
-            global_entropy_coef,
-            min_experts,
-            bias_balancing,
-            bias_update_rate,
-            group_size,
-        )
+        super().__init__(slot, **shared_options(locals()))
         require(
             1 <= top_k <= self.num_experts,
             f"combiner.top_k={top_k} must be between 1 and combiner.num_experts={self.num_experts}",

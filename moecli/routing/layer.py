@@ -37,6 +37,19 @@ def resolve_eval_capacity(train: float | None, evaluation) -> float | None:
     return train if evaluation == SAME else evaluation
 
 
+#: Constructor keys that every token-routed combiner shares with RoutedCombiner (YAML key = argument name).
+SHARED_KEYS = ("num_experts", "expert_hidden", "activation", "router_init_scale", "router_bias", "expert_dropout",
+               "num_shared_experts", "balance_coef", "z_coef", "local_entropy_coef", "global_entropy_coef",
+               "min_experts", "bias_balancing", "bias_update_rate", "group_size", "allow_future_leak")
+
+
+def shared_options(args: dict, **fixed) -> dict:
+    """RoutedCombiner's keyword arguments taken from a subclass constructor's `locals()`; `fixed` pins values the
+    subclass does not expose (e.g. expert choice has no balance loss). Subclasses keep explicit signatures so that
+    each YAML key stays a named argument with the paper's default."""
+    return {**{k: args[k] for k in SHARED_KEYS if k in args}, **fixed}
+
+
 class RoutedCombiner(Combiner):
     """Base of the token-routed combiners. Subclasses implement `route(logits, x, group_size) -> Routing`.
 
